@@ -155,9 +155,8 @@ def load_hf_siglip(folder: str | Path, feature_layer: int = -2) -> tuple[VisionC
         expected = SiglipVisionTower(cfg).state_dict()
     sd = {}
     for key, value in raw.items():
-        if not key.startswith("vision_model."):
-            continue
-        name = key[len("vision_model."):]
+        # full SigLIP: "vision_model.*"; a vision-only save (transformers 5) has no prefix
+        name = key[len("vision_model."):] if key.startswith("vision_model.") else key
         if name in expected:
             sd[name] = value
     missing = sorted(set(expected) - set(sd))
