@@ -31,7 +31,8 @@ def state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(model: TinyAlignVLM, tokenizer: Tokenizer, path: str | Path, *, meta: dict | None = None,
-                    force: bool = False) -> Path:
+                    force: bool = False, extra=None) -> Path:
+    """Write the checkpoint folder atomically; `extra(tmp_folder)` may add files (metrics, state)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -41,6 +42,8 @@ def save_checkpoint(model: TinyAlignVLM, tokenizer: Tokenizer, path: str | Path,
         tokenizer.save(tmp / "tokenizer.json")
         info = {"kit_version": __version__, **(meta or {})}
         (tmp / "checkpoint.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+        if extra is not None:
+            extra(tmp)
     return path
 
 

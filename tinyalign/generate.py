@@ -28,16 +28,37 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
     return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
 def generate(lm: LlamaDecoder, prefix: torch.Tensor, *, key_mask: torch.Tensor | None = None,
              max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
              stop_ids: Sequence[int] = (), use_cache: bool = True, seed: int | None = None,
              on_token: Callable[[int, torch.Tensor], None] | None = None) -> list[list[int]]:
     """Generate from `prefix [B, T, H]` (left-padded where `key_mask [B, T]` is 0).
 
-    Returns the new ids of each row, cut after its first stop token (the stop token is not
-    included). `on_token(step, ids [B])` is called after every step, for streaming.
+    Returns the new ids of each row, cut before its first stop token. `on_token(step, ids [B])`
+    is called after every step.
     """
+    steps = []
+    for step, nxt in enumerate(generate_stream(lm, prefix, key_mask=key_mask, max_new_tokens=max_new_tokens,
+                                               temperature=temperature, top_p=top_p, stop_ids=stop_ids,
+                                               use_cache=use_cache, seed=seed)):
+        steps.append(nxt)
+        if on_token is not None:
+            on_token(step, nxt)
+    out = torch.stack(steps, 1) if steps else torch.empty(prefix.shape[0], 0, dtype=torch.long)
+    stop_set = set(int(s) for s in stop_ids)
+    results = []
+    for row in out.tolist():
+        cut = next((i for i, t in enumerate(row) if t in stop_set), len(row))
+        results.append(row[:cut])
+    return results
+
+
+@torch.no_grad()
+def generate_stream(lm: LlamaDecoder, prefix: torch.Tensor, *, key_mask: torch.Tensor | None = None,
+                    max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                    stop_ids: Sequence[int] = (), use_cache: bool = True, seed: int | None = None):
+    """Yield the next ids `[B]` step by step until every row has hit a stop token (rows that
+    stopped repeat a stop token) or the budget / maximum sequence length is reached."""
     B, T, _ = prefix.shape
     limit = lm.cfg.max_seq_len
     if T >= limit:
@@ -46,7 +67,6 @@ def generate(lm: LlamaDecoder, prefix: torch.Tensor, *, key_mask: torch.Tensor |
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     mask = key_mask.bool() if key_mask is not None else torch.ones(B, T, dtype=torch.bool)
     stops = torch.tensor(sorted(set(stop_ids)) or [-1])
-    out = torch.empty(B, 0, dtype=torch.long)
     done = torch.zeros(B, dtype=torch.bool)
     made_cache = False
     if use_cache and not lm.has_cache:
@@ -63,10 +83,8 @@ def generate(lm: LlamaDecoder, prefix: torch.Tensor, *, key_mask: torch.Tensor |
         for step in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_p, generator)
             nxt = torch.where(done, stops[0].clamp(min=0), nxt)
-            out = torch.cat([out, nxt[:, None]], dim=1)
             done |= torch.isin(nxt, stops)
-            if on_token is not None:
-                on_token(step, nxt)
+            yield nxt
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             emb = lm.embed_tokens(nxt)[:, None]  # [B, 1, H]
@@ -81,9 +99,3 @@ def generate(lm: LlamaDecoder, prefix: torch.Tensor, *, key_mask: torch.Tensor |
     finally:
         if made_cache:
             lm.drop_cache()
-    results = []
-    stop_set = set(int(s) for s in stop_ids)
-    for row in out.tolist():
-        cut = next((i for i, t in enumerate(row) if t in stop_set), len(row))
-        results.append(row[:cut])
-    return results

@@ -142,6 +142,15 @@ class LlamaDecoder(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.cache_len = 0
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        # GPT-2 / Llama style init for training from scratch (loaders overwrite it)
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
 
     # ---- KV cache ----------------------------------------------------------------------
     def setup_cache(self, batch: int = 1, max_len: int | None = None, dtype=torch.float32):
