@@ -159,3 +159,30 @@ def test_eval_and_bank_tools_on_llava_data(data, lm_ckpt, tmp_path):
     with pytest.raises(BankError, match="fingerprint"):
         evaluate(checkpoint=tmp_path / "pre2", data=str(js), image_folder=str(imgs), bank=tmp_path / "bank",
                  progress=False)
+
+
+@pytest.mark.slow
+def test_data_efficiency_experiment_writes_results_table_and_plots(tmp_path):
+    from click.testing import CliRunner
+
+    from tinyalign.cli import main
+
+    js, imgs = make_llava(tmp_path / "d", n_per=2)
+    import tinyalign.train.experiment as E
+
+    s = E.data_efficiency(out=tmp_path / "de", data=str(js), finetune_data=str(js), eval_data=str(js),
+                          image_folder=str(imgs), fractions=(0.5, 1.0), seeds=2, lm_steps=10, pretrain_steps=6,
+                          finetune_epochs=1.0, batch_size=8, eval_limit=None, progress=False, config=tiny_config())
+    res = json.loads((tmp_path / "de" / "results.json").read_text())
+    assert len(res) == 8
+    assert {r["arm"] for r in res} == {"baseline", "tinyalign"}
+    assert all(0 <= r["accuracy"] <= 1 for r in res)
+    for f in ("results.md", "accuracy.png", "pretrain_loss.png"):
+        assert (tmp_path / "de" / f).stat().st_size > 100
+    assert "| 0.5 |" in s["markdown"]
+    # re-running continues: nothing is trained again, same results
+    s2 = E.data_efficiency(out=tmp_path / "de", data=str(js), finetune_data=str(js), eval_data=str(js),
+                           image_folder=str(imgs), fractions=(0.5, 1.0), seeds=2, progress=False)
+    assert json.loads((tmp_path / "de" / "results.json").read_text()) == res
+    r = CliRunner().invoke(main, ["experiment", "data-efficiency", "--help"])
+    assert r.exit_code == 0 and "--fractions" in r.output

@@ -173,6 +173,48 @@ def bank_eval(bank_path, **kw):
         _fail(exc)
 
 
+# ---- experiments ---------------------------------------------------------------------------------
+@main.group()
+def experiment():
+    """Experiments that run every stage for baseline and TinyAlign."""
+
+
+@experiment.command("data-efficiency")
+@click.option("--preset", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True)
+@click.option("--dataset", type=click.Choice(["easy-vqa"]))
+@click.option("--data", type=click.Path(exists=True, dir_okay=False), help="Pretrain (caption) LLaVA JSON.")
+@click.option("--finetune-data", type=click.Path(exists=True, dir_okay=False), help="Finetune LLaVA JSON.")
+@click.option("--eval-data", type=click.Path(exists=True, dir_okay=False), help="Evaluation LLaVA JSON.")
+@click.option("--image-folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--fractions", default="0.1,0.2,0.4,0.7,1.0", show_default=True)
+@click.option("--seeds", type=int, default=3, show_default=True)
+@click.option("--out", type=click.Path(), required=True, help="Folder; an interrupted run continues in it.")
+@click.option("--recipe", type=click.Choice(["paper", "image", "learned"]), help="TinyAlign arm's key recipe.")
+@click.option("--value-kind", type=click.Choice(["caption", "latent"]))
+@click.option("-k", "k", type=int)
+@click.option("--lm-steps", type=int, default=600, show_default=True)
+@click.option("--pretrain-steps", type=int, default=400, show_default=True)
+@click.option("--finetune-epochs", type=float, default=1.0, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--eval-limit", type=int, default=1000, show_default=True, help="Test questions per evaluation (0: all).")
+def experiment_data_efficiency(fractions, eval_limit, **kw):
+    """Baseline vs TinyAlign accuracy across finetune-data fractions and seeds.
+
+    \b
+    Example: tinyalign experiment data-efficiency --dataset easy-vqa --seeds 3 --out runs/de
+    Writes results.json, results.md, accuracy.png and pretrain_loss.png.
+    """
+    from .train.experiment import data_efficiency
+
+    try:
+        fr = tuple(float(x) for x in fractions.split(","))
+        s = data_efficiency(fractions=fr, eval_limit=eval_limit or None, **kw)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    click.echo(s["markdown"])
+    click.echo(f"results: {kw['out']}/results.json, {kw['out']}/accuracy.png, {kw['out']}/pretrain_loss.png")
+
+
 # ---- language model only -------------------------------------------------------------------------
 @main.command("lm-generate")
 @click.argument("prompt")

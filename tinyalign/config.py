@@ -258,6 +258,8 @@ def preset(name: str, **overrides) -> ModelConfig:
             vision=VisionConfig(kind=VisionKind.EFFICIENTNET_LITE0, image_size=128),
             lm=LMConfig(vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
                         intermediate_size=384, max_seq_len=128),
+            # easy-vqa captions ("a red circle.") are 3-4 tokens with the tiny BPE
+            retrieval=RetrievalConfig(k=4, caption_len=4),
         )
     elif name == "small":
         cfg = ModelConfig(
@@ -265,6 +267,7 @@ def preset(name: str, **overrides) -> ModelConfig:
             vision=VisionConfig(kind=VisionKind.EFFICIENTNET_LITE0, image_size=128),
             lm=LMConfig(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
                         intermediate_size=1536, rope_theta=100000.0, max_seq_len=256, frozen=True),
+            retrieval=RetrievalConfig(k=4, caption_len=12),
             template=ChatTemplate(system="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
                                   user_prefix="<|im_start|>user\n", user_suffix="<|im_end|>\n",
                                   assistant_prefix="<|im_start|>assistant\n",
