@@ -28,5 +28,5 @@ def tiny_config(**retrieval):
                             num_heads=2, intermediate_size=64, feature_layer=-1),
         lm=LMConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                     intermediate_size=64, max_seq_len=64),
-        retrieval=RetrievalConfig(k=2, caption_len=4, **retrieval),
+        retrieval=RetrievalConfig(**{"k": 2, "caption_len": 4, "value_tokens": 2, "value_dim": 8, **retrieval}),
     )

@@ -186,3 +186,20 @@ def test_data_efficiency_experiment_writes_results_table_and_plots(tmp_path):
     assert json.loads((tmp_path / "de" / "results.json").read_text()) == res
     r = CliRunner().invoke(main, ["experiment", "data-efficiency", "--help"])
     assert r.exit_code == 0 and "--fractions" in r.output
+
+
+def test_latent_values_train_build_a_bank_and_evaluate(data, lm_ckpt, tmp_path):
+    from tinyalign.train import bank_tools
+    from tinyalign.train.evaluate import evaluate
+
+    js, imgs = data
+    src = dict(data=str(js), image_folder=str(imgs))
+    r = train(stage="pretrain", out=tmp_path / "pre", init=lm_ckpt, retrieval="on", value_kind="latent", steps=10,
+              batch_size=8, progress=False, key_steps=20, log_every=1, **src)
+    assert r.history[-1]["loss"] < r.history[0]["loss"]
+    b = bank_tools.build(checkpoint=tmp_path / "pre", out=tmp_path / "bank", progress=False, **src)
+    assert b.meta.value_kind == "latent" and b.values([0])["latent"].shape == (1, 2, 8)
+    train(stage="finetune", out=tmp_path / "ft", init=tmp_path / "pre", bank=tmp_path / "bank", retrieval="on",
+          steps=4, batch_size=8, progress=False, **src)
+    res = evaluate(checkpoint=tmp_path / "ft", bank=tmp_path / "bank", limit=10, progress=False, **src)
+    assert res["questions"] == 10

@@ -258,8 +258,9 @@ def preset(name: str, **overrides) -> ModelConfig:
             vision=VisionConfig(kind=VisionKind.EFFICIENTNET_LITE0, image_size=128),
             lm=LMConfig(vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
                         intermediate_size=384, max_seq_len=128),
-            # easy-vqa captions ("a red circle.") are 3-4 tokens with the tiny BPE
-            retrieval=RetrievalConfig(k=4, caption_len=4),
+            # easy-vqa captions ("a red circle.") are 3-4 tokens with the tiny BPE; latent values
+            # use m=4 (the paper: 32) so that k memories fit the tiny LM's 128-token context
+            retrieval=RetrievalConfig(k=4, caption_len=4, value_tokens=4),
         )
     elif name == "small":
         cfg = ModelConfig(

@@ -84,26 +84,30 @@ def data_efficiency(*, out: str | Path, preset: str = "tiny", dataset: str | Non
             ds = P.load_dataset(split="test", **ev_src) if dataset else P.load_dataset(**ev_src)
             runs_meta[key] = retrieval_precision(m, tok, MemoryBank.open(bank), ds)
             atomic_write_text(out / "experiment.json", json.dumps({**meta, **runs_meta}, indent=2))
-        for frac in fractions:
+    # fractions outermost, so an interrupted experiment has every seed of the fractions it reached
+    for frac in fractions:
+        for seed in range(seeds):
+            sd = out / f"seed{seed}"
+            bank = sd / "bank"
             for arm in ARMS:
                 if (arm, frac, seed) in done:
                     continue
-                ft = sd / f"finetune-{arm}-{frac}"
-                t0 = time.perf_counter()
-                r = train(stage="finetune", out=ft, init=sd / f"pretrain-{arm}", retrieval="on" if arm == "tinyalign" else "off",
-                          bank=bank if arm == "tinyalign" else None, data_fraction=frac, seed=seed,
-                          epochs=finetune_epochs, batch_size=batch_size, progress=progress, force=True, **ft_src)
-                ev = evaluate(checkpoint=ft, split="test", bank=bank if arm == "tinyalign" else None,
-                              limit=eval_limit, progress=progress, predictions=ft / "predictions.jsonl",
-                              **({"dataset": dataset} if dataset else {"data": eval_data, "image_folder": image_folder}))
-                row = {"arm": arm, "fraction": frac, "seed": seed, "accuracy": ev["accuracy"],
-                       "questions": ev["questions"], "finetune_steps": r.steps, "final_loss": r.final_loss,
-                       "sec_per_step": r.seconds_per_step, "wall_seconds": time.perf_counter() - t0}
-                results.append(row)
-                done.add((arm, frac, seed))
-                atomic_write_text(res_file, json.dumps(results, indent=2))
-                if progress:
-                    print(f"[{arm} fraction={frac} seed={seed}] accuracy {ev['accuracy']:.4f}")
+                    ft = sd / f"finetune-{arm}-{frac}"
+                    t0 = time.perf_counter()
+                    r = train(stage="finetune", out=ft, init=sd / f"pretrain-{arm}", retrieval="on" if arm == "tinyalign" else "off",
+                              bank=bank if arm == "tinyalign" else None, data_fraction=frac, seed=seed,
+                              epochs=finetune_epochs, batch_size=batch_size, progress=progress, force=True, **ft_src)
+                    ev = evaluate(checkpoint=ft, split="test", bank=bank if arm == "tinyalign" else None,
+                                  limit=eval_limit, progress=progress, predictions=ft / "predictions.jsonl",
+                                  **({"dataset": dataset} if dataset else {"data": eval_data, "image_folder": image_folder}))
+                    row = {"arm": arm, "fraction": frac, "seed": seed, "accuracy": ev["accuracy"],
+                           "questions": ev["questions"], "finetune_steps": r.steps, "final_loss": r.final_loss,
+                           "sec_per_step": r.seconds_per_step, "wall_seconds": time.perf_counter() - t0}
+                    results.append(row)
+                    done.add((arm, frac, seed))
+                    atomic_write_text(res_file, json.dumps(results, indent=2))
+                    if progress:
+                        print(f"[{arm} fraction={frac} seed={seed}] accuracy {ev['accuracy']:.4f}")
     summary = summarize(results, runs_meta)
     atomic_write_text(out / "results.md", summary["markdown"])
     plot(results, out / "accuracy.png")

@@ -251,7 +251,7 @@ def train(*, stage: str, out: str | Path, preset: str = "tiny", dataset: str | N
     elif stage == "pretrain":
         model.set_trainable(vision=False, connector=True, lm=False, rag=use_rag)
     else:
-        model.set_trainable(vision=not cfg.vision.frozen, connector=True, lm=True, rag=use_rag)
+        model.set_trainable(vision=not cfg.vision.frozen, connector=True, lm=True, rag=use_rag, values=False)
     model.train()
     model.vision.eval()  # frozen BatchNorm statistics
 
@@ -328,7 +328,7 @@ def train(*, stage: str, out: str | Path, preset: str = "tiny", dataset: str | N
         except ImportError as exc:
             raise TrainError("--tensorboard needs the tensorboard package: pip install tensorboard") from exc
 
-    bar = tqdm(range(start, total), desc=f"{stage} ({retrieval})", disable=not (progress and rank == 0),
+    bar = tqdm(range(start, total), desc=stage if stage == "lm" else f"{stage} (retrieval {retrieval})", disable=not (progress and rank == 0),
                initial=start, total=total, unit="step")
     t0, timed = time.perf_counter(), 0
     last_loss = float("nan")

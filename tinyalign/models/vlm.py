@@ -152,13 +152,16 @@ class TinyAlignVLM(nn.Module):
         return h.hexdigest()
 
     # ---- freezing ------------------------------------------------------------------------------
-    def set_trainable(self, *, vision: bool, connector: bool, lm: bool, rag: bool, keys: bool = False):
+    def set_trainable(self, *, vision: bool, connector: bool, lm: bool, rag: bool, keys: bool = False,
+                      values: bool | None = None):
+        """Freeze / unfreeze parts. The key and value encoders define the bank fingerprint, so
+        they train only before a bank is built (keys: the key phase; values: pretrain)."""
         for mod, flag in ((self.vision, vision), (self.connector, connector), (self.lm, lm),
                           (self.rag_connector, rag), (self.key_encoder, keys)):
             for p in mod.parameters():
                 p.requires_grad_(flag)
         if self.value_encoder is not None:
             for p in self.value_encoder.parameters():
-                p.requires_grad_(rag)
+                p.requires_grad_(rag if values is None else values)
         if self.cfg.lm.tie_word_embeddings:
             self.lm.lm_head.weight = self.lm.embed_tokens.weight
