@@ -179,9 +179,15 @@ def caption_ids(tok: Tokenizer, captions: list[str], length: int) -> torch.Tenso
     return out
 
 
-def instruction_ids(tok: Tokenizer, questions: list[str], length: int = 32) -> torch.Tensor:
-    """The query's text: the instruction only (never an answer, never template tokens)."""
-    return caption_ids(tok, questions, length)
+def instruction_ids(tok: Tokenizer, questions: list[str], length: int = 48) -> torch.Tensor:
+    """The query's text: the prompt ids of the instruction (the chat template's prompt, never an
+    answer), -1 padded, with the image slot masked out. The exported `retrieval_query` method
+    takes exactly these ids (docs/bundle.md), so training, bank evaluation and devices agree."""
+    out = torch.full((len(questions), length), -1, dtype=torch.long)
+    for i, q in enumerate(questions):
+        ids = [t if t >= 0 else -1 for t in tok.prompt_ids(q)][:length]
+        out[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out
 
 
 # ---- retrieval -------------------------------------------------------------------------------
