@@ -92,22 +92,22 @@ def data_efficiency(*, out: str | Path, preset: str = "tiny", dataset: str | Non
             for arm in ARMS:
                 if (arm, frac, seed) in done:
                     continue
-                    ft = sd / f"finetune-{arm}-{frac}"
-                    t0 = time.perf_counter()
-                    r = train(stage="finetune", out=ft, init=sd / f"pretrain-{arm}", retrieval="on" if arm == "tinyalign" else "off",
-                              bank=bank if arm == "tinyalign" else None, data_fraction=frac, seed=seed,
-                              epochs=finetune_epochs, batch_size=batch_size, progress=progress, force=True, **ft_src)
-                    ev = evaluate(checkpoint=ft, split="test", bank=bank if arm == "tinyalign" else None,
-                                  limit=eval_limit, progress=progress, predictions=ft / "predictions.jsonl",
-                                  **({"dataset": dataset} if dataset else {"data": eval_data, "image_folder": image_folder}))
-                    row = {"arm": arm, "fraction": frac, "seed": seed, "accuracy": ev["accuracy"],
-                           "questions": ev["questions"], "finetune_steps": r.steps, "final_loss": r.final_loss,
-                           "sec_per_step": r.seconds_per_step, "wall_seconds": time.perf_counter() - t0}
-                    results.append(row)
-                    done.add((arm, frac, seed))
-                    atomic_write_text(res_file, json.dumps(results, indent=2))
-                    if progress:
-                        print(f"[{arm} fraction={frac} seed={seed}] accuracy {ev['accuracy']:.4f}")
+                ft = sd / f"finetune-{arm}-{frac}"
+                t0 = time.perf_counter()
+                r = train(stage="finetune", out=ft, init=sd / f"pretrain-{arm}", retrieval="on" if arm == "tinyalign" else "off",
+                          bank=bank if arm == "tinyalign" else None, data_fraction=frac, seed=seed,
+                          epochs=finetune_epochs, batch_size=batch_size, progress=progress, force=True, **ft_src)
+                ev = evaluate(checkpoint=ft, split="test", bank=bank if arm == "tinyalign" else None,
+                              limit=eval_limit, progress=progress, predictions=ft / "predictions.jsonl",
+                              **({"dataset": dataset} if dataset else {"data": eval_data, "image_folder": image_folder}))
+                row = {"arm": arm, "fraction": frac, "seed": seed, "accuracy": ev["accuracy"],
+                       "questions": ev["questions"], "finetune_steps": r.steps, "final_loss": r.final_loss,
+                       "sec_per_step": r.seconds_per_step, "wall_seconds": time.perf_counter() - t0}
+                results.append(row)
+                done.add((arm, frac, seed))
+                atomic_write_text(res_file, json.dumps(results, indent=2))
+                if progress:
+                    print(f"[{arm} fraction={frac} seed={seed}] accuracy {ev['accuracy']:.4f}")
     summary = summarize(results, runs_meta)
     atomic_write_text(out / "results.md", summary["markdown"])
     plot(results, out / "accuracy.png")
@@ -181,7 +181,8 @@ def plot(results: list[dict], path: Path):
     ax.set_xlabel("fraction of finetune data")
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if results:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
