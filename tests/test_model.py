@@ -278,3 +278,14 @@ def test_memory_tokens_sit_after_image_tokens_with_ignored_labels():
     assert torch.equal(embeds[0, p:p + n], img[0]) and torch.equal(embeds[0, p + n:p + n + m], mem[0])
     assert (lab[0, p:p + n + m] == -100).all()
     assert lab[0, -len(ans):].tolist() == ans
+
+
+def test_fingerprint_ignores_tokenizer_json_formatting(tmp_path):
+    model, tok = _tiny_vlm_and_tokenizer()
+    tok.save(tmp_path / "tokenizer.json")  # pretty-printed on disk
+    pretty = (tmp_path / "tokenizer.json").read_text()
+    assert pretty != tok.tok.to_str()
+    assert model.key_fingerprint(pretty) == model.key_fingerprint(tok.tok.to_str())
+    other, _ = _tiny_vlm_and_tokenizer()
+    torch.nn.init.normal_(other.key_encoder.image_head[0].weight)
+    assert other.key_fingerprint(pretty) != model.key_fingerprint(pretty)

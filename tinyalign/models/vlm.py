@@ -148,6 +148,11 @@ class TinyAlignVLM(nn.Module):
             for name, t in sorted(part.state_dict().items()):
                 h.update(name.encode())
                 h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        if tokenizer_json:
+            # canonical form: the same tokenizer hashes the same whether pretty-printed or compact
+            import json
+
+            tokenizer_json = json.dumps(json.loads(tokenizer_json), sort_keys=True, separators=(",", ":"))
         h.update(tokenizer_json.encode())
         return h.hexdigest()
 
