@@ -215,6 +215,10 @@ def export_bundle(checkpoint, bank, out, target: str = "desktop", quantize: str 
         export_bundle(checkpoint="runs/tiny", bank="banks/easy", out="bundles/tiny-desktop",
                       target="desktop", quantize="8da4w")
     """
+    import warnings
+
+    # torch.export's pytree emits a FutureWarning per exported method (LeafSpec); not actionable here
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     from tinyalign.bank import BankError, MemoryBank
     from tinyalign.checkpoint import load_checkpoint
 
