@@ -87,10 +87,15 @@ def method_parity(pte: Path, model, qmodel, cases: list[dict]) -> dict:
 
     def record(name, outs, args):
         for key, methods in refs.items():
-            d = _max_diff(outs, methods[name](*args))
+            want = methods[name](*args)
+            d = _max_diff(outs, want)
             slot = diffs.setdefault(name, {})
             col = "max_abs_diff" if key == "fp32" else "max_abs_diff_vs_quantized_eager"
             slot[col] = max(slot.get(col, 0.0), d)
+            if key == "fp32":  # output scale, for a limit relative to large outputs (deep LMs' logits)
+                flat = [w for w in (want if isinstance(want, (tuple, list)) else (want,)) if torch.is_tensor(w)]
+                scale = max((float(w.detach().abs().max()) for w in flat if w.numel()), default=0.0)
+                slot["max_abs_eager"] = max(slot.get("max_abs_eager", 0.0), scale)
 
     r = cfg.retrieval
     g = torch.Generator().manual_seed(1)
@@ -254,8 +259,11 @@ def failures(report: dict, preset) -> list[str]:
     lim = preset.max_abs_diff
     if lim is not None:
         for name, d in (report.get("methods") or {}).items():
-            if d["max_abs_diff"] > lim:
-                out.append(f"{name}: max abs diff {d['max_abs_diff']:.3g} > {lim:g}")
+            # the limit is absolute for outputs of magnitude <= 1 and relative above (a 30-layer
+            # LM's fp32 logits of magnitude ~20 differ by ~1e-4 from reordered float arithmetic alone)
+            allowed = lim * max(1.0, d.get("max_abs_eager", 0.0))
+            if d["max_abs_diff"] > allowed:
+                out.append(f"{name}: max abs diff {d['max_abs_diff']:.3g} > {allowed:.3g}")
     gen = report.get("generation") or {}
     agree = gen.get("token_agreement")
     if agree is not None and agree < preset.min_token_agreement:

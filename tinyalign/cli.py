@@ -55,6 +55,8 @@ def main():
 @click.option("--value-kind", type=click.Choice(["caption", "latent"]), help="What a memory value holds.")
 @click.option("-k", "k", type=int, help="Memories retrieved per sample.")
 @click.option("--alpha", type=float, help="The paper's alpha (paper recipe).")
+@click.option("--caption-residual/--no-caption-residual", default=None,
+              help="Caption values: memories start as the captions' own word embeddings.")
 def train(**kw):
     """Train one stage and write a checkpoint.
 
@@ -192,6 +194,8 @@ def experiment():
 @click.option("--recipe", type=click.Choice(["paper", "image", "learned"]), help="TinyAlign arm's key recipe.")
 @click.option("--value-kind", type=click.Choice(["caption", "latent"]))
 @click.option("-k", "k", type=int)
+@click.option("--caption-residual/--no-caption-residual", default=None,
+              help="Memories start as the captions' own word embeddings (residual RAG connector).")
 @click.option("--lm-steps", type=int, default=600, show_default=True)
 @click.option("--pretrain-steps", type=int, default=400, show_default=True)
 @click.option("--finetune-epochs", type=float, default=1.0, show_default=True)

@@ -149,6 +149,9 @@ class RetrievalConfig:
     value_tokens: int = 32  # latent values: the paper's m
     value_dim: int = 96  # latent values: the paper's d_v
     caption_len: int = 8  # caption values: token ids kept per entry
+    # caption values: memory token = embed(id) + RAG-connector(embed(id)) with the connector's last
+    # layer starting at zero, so memories start out as the caption's own word embeddings
+    caption_residual: bool = False
 
     def __post_init__(self):
         self.recipe = KeyRecipe(self.recipe)

@@ -31,6 +31,7 @@ def data_efficiency(*, out: str | Path, preset: str = "tiny", dataset: str | Non
                     data: str | None = None, finetune_data: str | None = None, eval_data: str | None = None,
                     image_folder: str | None = None, fractions: tuple[float, ...] = (0.1, 0.2, 0.4, 0.7, 1.0),
                     seeds: int = 3, recipe: str | None = None, k: int | None = None, value_kind: str | None = None,
+                    caption_residual: bool | None = None,
                     lm_steps: int = 600, pretrain_steps: int = 400, finetune_epochs: float = 1.0,
                     batch_size: int = 32, eval_limit: int | None = 1000, progress: bool = True, config=None) -> dict:
     out = Path(out)
@@ -47,7 +48,7 @@ def data_efficiency(*, out: str | Path, preset: str = "tiny", dataset: str | Non
         pre_src = dict(data=data, image_folder=image_folder)
         ft_src = dict(data=finetune_data, image_folder=image_folder)
         ev_src = dict(data=eval_data, image_folder=image_folder)
-    extra = {"recipe": recipe, "k": k, "value_kind": value_kind}
+    extra = {"recipe": recipe, "k": k, "value_kind": value_kind, "caption_residual": caption_residual}
     meta = {"preset": preset, "fractions": list(fractions), "seeds": seeds, "source": pre_src | ft_src,
             "lm_steps": lm_steps, "pretrain_steps": pretrain_steps, "finetune_epochs": finetune_epochs,
             "batch_size": batch_size, "eval_limit": eval_limit, **extra}

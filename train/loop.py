@@ -197,7 +197,7 @@ def train(*, stage: str, out: str | Path, preset: str = "tiny", dataset: str | N
           epochs: float | None = None, batch_size: int = 32, lr: float | None = None, save_every: int = 200,
           resume: bool = False, force: bool = False, tensorboard: bool = False, progress: bool = True,
           recipe: str | None = None, value_kind: str | None = None, k: int | None = None,
-          alpha: float | None = None, key_steps: int = 400, config: ModelConfig | None = None,
+          alpha: float | None = None, caption_residual: bool | None = None, key_steps: int = 400, config: ModelConfig | None = None,
           log_every: int = 10, stop_after: int | None = None) -> TrainResult:
     """Train one stage and write a checkpoint folder to `out` (see module docstring).
 
@@ -235,7 +235,8 @@ def train(*, stage: str, out: str | Path, preset: str = "tiny", dataset: str | N
     texts = [q + " " + a for e in ds.qa for q, a in e.turns] + [e.caption for e in ds.captions]
 
     torch.manual_seed(seed)
-    overrides = {"recipe": KeyRecipe(recipe) if recipe else None, "value_kind": value_kind, "k": k, "alpha": alpha}
+    overrides = {"recipe": KeyRecipe(recipe) if recipe else None, "value_kind": value_kind, "k": k, "alpha": alpha,
+                 "caption_residual": caption_residual}
     if value_kind:
         from ..config import ValueKind
         overrides["value_kind"] = ValueKind(value_kind)
@@ -243,6 +244,11 @@ def train(*, stage: str, out: str | Path, preset: str = "tiny", dataset: str | N
     model, tok = _initial_model(stage, preset, src, texts, config, use_rag, overrides if not resume else {})
     model.cfg.retrieval.enabled = use_rag
     cfg = model.cfg
+    if stage == "pretrain" and use_rag and cfg.retrieval.caption_residual and not resume and init:
+        from ..checkpoint import read_meta
+
+        if read_meta(init).get("stage") == "lm":  # the RAG connector has never been trained
+            model.zero_rag_output()
     presets = DEFAULTS.get(cfg.preset, DEFAULTS["tiny"])
     base_lr, default_epochs = presets[stage]
     lr = lr or base_lr

@@ -48,6 +48,13 @@ class TinyAlignVLM(nn.Module):
         else:
             self.value_encoder = None
             self.rag_connector = RAGConnector(H, H)
+            if r.caption_residual:
+                self.zero_rag_output()
+
+    def zero_rag_output(self):
+        """Start the residual RAG connector at zero (memories = the captions' word embeddings)."""
+        nn.init.zeros_(self.rag_connector[-1].weight)
+        nn.init.zeros_(self.rag_connector[-1].bias)
 
     # ---- pieces (each one is an exported method) ---------------------------------------
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -73,8 +80,11 @@ class TinyAlignVLM(nn.Module):
         B, k = values.shape[:2]
         if self.cfg.retrieval.value_kind is ValueKind.CAPTION:
             mask = (values >= 0).unsqueeze(-1)  # [B, k, L, 1]
-            x = self.lm.embed_tokens(values.clamp(min=0))  # [B, k, L, H]
-            x = self.rag_connector(x) * mask
+            e = self.lm.embed_tokens(values.clamp(min=0))  # [B, k, L, H]
+            x = self.rag_connector(e)
+            if self.cfg.retrieval.caption_residual:
+                x = x + e
+            x = x * mask
         else:
             x = self.rag_connector(values.float())  # [B, k, m, H]
         return x.reshape(B, -1, x.shape[-1])
