@@ -203,6 +203,19 @@ def _version(mod: str):
         return None
 
 
+def _check_import_order():
+    """usearch 2.26.6 imported before torch breaks torch's operator-schema printing, and
+    torch.export then fails deep inside torchgen; say so plainly instead."""
+    import torch
+
+    if "stride=[1, 1]" not in str(torch.ops.aten.conv2d.default._schema):
+        raise ExportError(
+            "this process imported usearch before torch, which breaks torch.export (usearch 2.26.6 "
+            "conflict); import torch (or tinyalign.export) before tinyalign.bank / usearch, or run the "
+            "export in a fresh process (tinyalign-export)"
+        )
+
+
 def export_bundle(checkpoint, bank, out, target: str = "desktop", quantize: str = "fp32", force: bool = False,
                   allow_drift: bool = False, *, bank_key_dtype: str | None = None, parity_prompts: int = 3,
                   parity_tokens: int = 8, coreml_stateful: bool = True, verbose: bool = True) -> Path:
@@ -219,6 +232,7 @@ def export_bundle(checkpoint, bank, out, target: str = "desktop", quantize: str 
 
     # torch.export's pytree emits a FutureWarning per exported method (LeafSpec); not actionable here
     warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+    _check_import_order()
     from tinyalign.bank import BankError, MemoryBank
     from tinyalign.checkpoint import load_checkpoint
 
