@@ -252,7 +252,7 @@ def lm_generate(prompt, checkpoint, gguf, max_new_tokens, temperature, top_p, se
 @click.option("--questions", type=int, default=300, show_default=True, help="Test questions answered.")
 @click.option("--data-fraction", type=float, default=0.5, show_default=True, help="Finetune data used.")
 def quickstart_cmd(**kw):
-    """Train, bank, export and run the tiny preset on easy-vqa, end to end (about 10 minutes on 2 CPU cores).
+    """Train, bank, export and run the tiny preset on easy-vqa, end to end (about 4 minutes on 2 CPU cores).
 
     \b
     Example: tinyalign quickstart --out my-first-bundle
