@@ -203,3 +203,33 @@ def test_latent_values_train_build_a_bank_and_evaluate(data, lm_ckpt, tmp_path):
           steps=4, batch_size=8, progress=False, **src)
     res = evaluate(checkpoint=tmp_path / "ft", bank=tmp_path / "bank", limit=10, progress=False, **src)
     assert res["questions"] == 10
+
+
+def test_bank_merge_command_joins_shards_and_keeps_leave_one_out_ids(data, lm_ckpt, tmp_path):
+    from click.testing import CliRunner
+
+    from tinyalign.bank import MemoryBank
+    from tinyalign.checkpoint import load_checkpoint
+    from tinyalign.cli import main
+    from tinyalign.train import pipeline as P
+
+    js, imgs = data
+    train(stage="pretrain", out=tmp_path / "pre", init=lm_ckpt, data=str(js), image_folder=str(imgs),
+          retrieval="on", steps=2, batch_size=8, progress=False, key_steps=5)
+    model, tok, _ = load_checkpoint(tmp_path / "pre")
+    ds = P.load_dataset(data=str(js), image_folder=str(imgs))
+    table = P.FeatureTable(model, [e.image for e in ds.captions], progress=False)
+    halves = [ds.captions[:10], ds.captions[10:]]
+    for i, part in enumerate(halves):
+        P.build_bank(model, tok, part, table[[e.image for e in part]]).save(tmp_path / f"s{i}")
+    r = CliRunner().invoke(main, ["bank", "merge", str(tmp_path / "s0"), str(tmp_path / "s1"),
+                                  "--out", str(tmp_path / "merged")])
+    assert r.exit_code == 0, r.output
+    merged = MemoryBank.open(tmp_path / "merged")
+    whole = P.build_bank(model, tok, ds.captions, table[[e.image for e in ds.captions]])
+    assert len(merged) == len(whole) == 24
+    assert merged.meta.extra["image_ids"] == [e.image_id for e in ds.captions]
+    q = P.query_vectors(model, tok, table[[e.image for e in ds.captions[:5]]], None)
+    assert (merged.search(q, 3)[0] == whole.search(q, 3)[0]).all()
+    again = CliRunner().invoke(main, ["bank", "merge", str(tmp_path / "s0"), "--out", str(tmp_path / "merged")])
+    assert again.exit_code != 0 and "--force" in again.output

@@ -129,6 +129,25 @@ def bank_build(**kw):
     click.echo(f"bank: {kw['out']}  {b!r}")
 
 
+@bank.command("merge")
+@click.argument("shards", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(), required=True)
+@click.option("--force", is_flag=True)
+def bank_merge(shards, out, force):
+    """Merge banks built in shards by the same model into one bank.
+
+    \b
+    Example: tinyalign bank merge shard0 shard1 shard2 --out runs/bank
+    """
+    from .train.bank_tools import merge
+
+    try:
+        b = merge(shards=list(shards), out=out, force=force)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    click.echo(f"bank: {out}  {b!r}")
+
+
 @bank.command("info")
 @click.argument("bank_path", type=click.Path(exists=True, file_okay=False))
 def bank_info(bank_path):

@@ -33,6 +33,21 @@ def build(*, checkpoint: str | Path, out: str | Path, dataset: str | None = None
     return bank
 
 
+def merge(*, shards: list[str | Path], out: str | Path, force: bool = False) -> MemoryBank:
+    """Merge banks built in shards (same model fingerprint, recipe and value kind) into one."""
+    check_output(out, force)
+    banks = [MemoryBank.open(s) for s in shards]
+    merged = MemoryBank.merge(banks)
+    ids = [b.meta.extra.get("image_ids") for b in banks]
+    if all(isinstance(i, list) and len(i) == len(b) for i, b in zip(ids, banks)):
+        # per-entry image ids (leave-one-out during training) follow the entries' new order
+        merged.meta.extra["image_ids"] = [x for i in ids for x in i]
+    else:
+        merged.meta.extra.pop("image_ids", None)
+    merged.save(out, overwrite=force)
+    return merged
+
+
 def info(bank: str | Path) -> dict:
     b = MemoryBank.open(bank)
     m = b.meta.to_dict()
