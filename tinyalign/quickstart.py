@@ -10,7 +10,6 @@ TinyAlign checkpoint), `OUT/bank/`, `OUT/bundle/` and the intermediate stages in
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -27,19 +26,41 @@ def _dir_size(path: Path) -> int:
 
 def quickstart(*, out: str | Path = "tinyalign-quickstart", force: bool = False, questions: int = 300,
                data_fraction: float = 0.5, lm_steps: int = 500, pretrain_steps: int = 300, seed: int = 0) -> dict:
+    from .fsutil import atomic_dir, check_output
+
+    final = Path(out)
+    check_output(final, force)
+    # everything is built in a temporary sibling and renamed into place only when all steps
+    # succeeded: a failed run leaves nothing behind and never destroys an earlier result
+    with atomic_dir(final, force=force) as out:
+        summary, size, files = _run(out, questions=questions, data_fraction=data_fraction, lm_steps=lm_steps,
+                                    pretrain_steps=pretrain_steps, seed=seed)
+    out = final
+    click.secho("\nTinyAlign quickstart — results", bold=True)
+    click.echo(f"  eager accuracy (PyTorch)     {summary['eager_accuracy']:.3f}  on {summary['questions']} test questions")
+    click.echo(f"  bundle accuracy (ExecuTorch) {summary['bundle_accuracy']:.3f}  "
+               f"(identical answers: {summary['answers_identical']:.1%})")
+    click.echo(f"  bundle size                  {size / 1e6:.1f} MB  " +
+               ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in files.items()))
+    if summary["median_prefill_ms"] is not None:
+        click.echo(f"  bundle latency               prefill {summary['median_prefill_ms']:.1f} ms, "
+                   f"decode {summary['median_decode_ms_per_token']:.2f} ms/token (medians)")
+    click.echo(f"  wall time                    {summary['wall_seconds'] / 60:.1f} min")
+    click.echo(f"\n  checkpoint: {out / 'checkpoint'}\n  bank:       {out / 'bank'}\n  bundle:     {out / 'bundle'}")
+    click.echo(f"  try: tinyalign run --bundle {out / 'bundle'} --image IMAGE.png \"What color is the shape?\"")
+    return summary
+
+
+def _run(out: Path, *, questions: int, data_fraction: float, lm_steps: int, pretrain_steps: int, seed: int):
+    """All seven steps inside the (temporary) output folder `out`."""
     import torch
 
     from .data import normalize_answer
-    from .fsutil import check_output
     from .train import bank_tools
     from .train import pipeline as P
     from .train.evaluate import evaluate
     from .train.loop import train
 
-    out = Path(out)
-    check_output(out, force)
-    if out.exists():
-        shutil.rmtree(out)
     stages = out / "stages"
     t_all = time.perf_counter()
     total = 7
@@ -104,16 +125,4 @@ def quickstart(*, out: str | Path = "tinyalign-quickstart", force: bool = False,
         "torch_threads": torch.get_num_threads(),
     }
     (out / "quickstart.json").write_text(json.dumps(summary, indent=2))
-    click.secho("\nTinyAlign quickstart — results", bold=True)
-    click.echo(f"  eager accuracy (PyTorch)     {summary['eager_accuracy']:.3f}  on {n} test questions")
-    click.echo(f"  bundle accuracy (ExecuTorch) {summary['bundle_accuracy']:.3f}  "
-               f"(identical answers: {summary['answers_identical']:.1%})")
-    click.echo(f"  bundle size                  {size / 1e6:.1f} MB  " +
-               ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in files.items()))
-    if prefill:
-        click.echo(f"  bundle latency               prefill {summary['median_prefill_ms']:.1f} ms, "
-                   f"decode {summary['median_decode_ms_per_token']:.2f} ms/token (medians)")
-    click.echo(f"  wall time                    {wall / 60:.1f} min")
-    click.echo(f"\n  checkpoint: {out / 'checkpoint'}\n  bank:       {out / 'bank'}\n  bundle:     {out / 'bundle'}")
-    click.echo(f"  try: tinyalign run --bundle {out / 'bundle'} --image IMAGE.png \"What color is the shape?\"")
-    return summary
+    return summary, size, files

@@ -235,11 +235,9 @@ def train(*, stage: str, out: str | Path, preset: str = "tiny", dataset: str | N
     texts = [q + " " + a for e in ds.qa for q, a in e.turns] + [e.caption for e in ds.captions]
 
     torch.manual_seed(seed)
-    overrides = {"recipe": KeyRecipe(recipe) if recipe else None, "value_kind": value_kind, "k": k, "alpha": alpha,
+    # strings are fine: RetrievalConfig.__post_init__ turns them into enums
+    overrides = {"recipe": recipe, "value_kind": value_kind, "k": k, "alpha": alpha,
                  "caption_residual": caption_residual}
-    if value_kind:
-        from ..config import ValueKind
-        overrides["value_kind"] = ValueKind(value_kind)
     src = out if resume else init
     model, tok = _initial_model(stage, preset, src, texts, config, use_rag, overrides if not resume else {})
     model.cfg.retrieval.enabled = use_rag

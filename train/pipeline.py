@@ -170,24 +170,25 @@ def pad_batch(seqs: list[list[int]], labels: list[list[int]], pad_id: int, left:
     return ids, lab, mask
 
 
-def caption_ids(tok: Tokenizer, captions: list[str], length: int) -> torch.Tensor:
-    """Caption token ids `[N, length]`, -1 padded: the compact text value and the key text."""
-    out = torch.full((len(captions), length), -1, dtype=torch.long)
-    for i, c in enumerate(captions):
-        ids = tok.encode(c.strip())[:length]
+def _pad_rows(rows: list[list[int]], length: int) -> torch.Tensor:
+    """Token-id rows cut to `length` and -1 padded -> `[N, length]`."""
+    out = torch.full((len(rows), length), -1, dtype=torch.long)
+    for i, ids in enumerate(rows):
+        ids = ids[:length]
         out[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
     return out
+
+
+def caption_ids(tok: Tokenizer, captions: list[str], length: int) -> torch.Tensor:
+    """Caption token ids `[N, length]`, -1 padded: the compact text value and the key text."""
+    return _pad_rows([tok.encode(c.strip()) for c in captions], length)
 
 
 def instruction_ids(tok: Tokenizer, questions: list[str], length: int = 48) -> torch.Tensor:
     """The query's text: the prompt ids of the instruction (the chat template's prompt, never an
     answer), -1 padded, with the image slot masked out. The exported `retrieval_query` method
     takes exactly these ids (docs/bundle.md), so training, bank evaluation and devices agree."""
-    out = torch.full((len(questions), length), -1, dtype=torch.long)
-    for i, q in enumerate(questions):
-        ids = [t if t >= 0 else -1 for t in tok.prompt_ids(q)][:length]
-        out[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-    return out
+    return _pad_rows([[t if t >= 0 else -1 for t in tok.prompt_ids(q)] for q in questions], length)
 
 
 # ---- retrieval -------------------------------------------------------------------------------

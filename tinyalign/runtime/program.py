@@ -17,6 +17,8 @@ cache of `text_decoder` persists between calls, as docs/bundle.md requires.
 
 from __future__ import annotations
 
+import abc
+
 import ctypes
 import hashlib
 import importlib.util
@@ -136,15 +138,16 @@ def _load_library(path: Path) -> ctypes.CDLL:
 
 
 # ---- programs ---------------------------------------------------------------------------------------
-class Program:
+class Program(abc.ABC):
     """One loaded `.pte`. `run(name, *arrays)` -> list of numpy arrays (tensors) and Python
     scalars (ints, floats, bools of constant methods). Not thread-safe: one caller at a time."""
 
     backend = "?"
     method_names: frozenset
 
+    @abc.abstractmethod
     def run(self, name: str, *inputs):
-        raise NotImplementedError
+        """Execute method `name` on `inputs` (numpy arrays) and return its outputs."""
 
     def close(self):
         pass
